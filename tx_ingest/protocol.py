@@ -13,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import simplejson
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin

@@ -217,8 +217,7 @@ class MessageQueue:
             if size > self.capacity:
                 raise RuntimeError("message queue over its capacity")
             self._pause()
-        if size > self.highestSize:
-            self.highestSize = size
+        self.highestSize = max(self.highestSize, size)
         if self._waiters and self._wakeCall is None:
             self._wakeCall = self._clock.callLater(0, self._wakeWaiters)
 

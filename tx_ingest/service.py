@@ -6,7 +6,7 @@ and stopped in order, so that nothing accepted is lost on the way down.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -160,7 +160,7 @@ class IngestService(MultiService):
         if self.sink is not None:
             if left:
                 self.sink.abandon()
-                self.log.warn(
+                self.log.warning(
                     "{left} accepted messages were not written within "
                     "{timeout} s; their clients got no acknowledgement",
                     left=left,

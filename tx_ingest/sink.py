@@ -12,7 +12,8 @@ backpressure pauses the clients.  Nothing accepted is dropped.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -69,7 +70,7 @@ class OutageLog:
         if self._since is None:
             self._since = self._clock.seconds()
             self.outages += 1
-            self.log.warn(
+            self.log.warning(
                 "database writes failing ({error}); holding accepted lines and "
                 "retrying",
                 error=failure.getErrorMessage() or failure.type.__name__,

@@ -15,7 +15,7 @@ acknowledgements and the replies for refused lines.
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
 from twisted.internet.endpoints import serverFromString

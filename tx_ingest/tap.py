@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
