@@ -270,6 +270,8 @@ class SenderProtocol(LineOnlyReceiver):
 
     @ivar firstLine: The input line number of this connection's line 1.
     @ivar output: The transport, once connected.
+    @ivar halfClosed: Whether every line was written and the write side closed.
+    @ivar acks: How many acks this connection received.
     @ivar lost: Fires with L{None} once the connection is lost.
     @ivar lostReason: Why the connection was lost, once it was.
     @ivar refusal: The server's connection-level error reply, if any.
@@ -288,8 +290,9 @@ class SenderProtocol(LineOnlyReceiver):
         self.lostReason: Failure | None = None
         self.refusal: dict[str, Any] | None = None
         self._written = 0
+        self.acks = 0
         self._paused = False
-        self._halfClosed = False
+        self.halfClosed = False
         self._finalAckTimeout: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -325,7 +328,7 @@ class SenderProtocol(LineOnlyReceiver):
         input is exhausted; once every line is written, half-close.
         """
         window = self.sender.window
-        while not self._paused and not self._halfClosed:
+        while not self._paused and not self.halfClosed:
             data, count = window.takeChunk(CHUNK_BYTES)
             if not count:
                 break
@@ -333,8 +336,8 @@ class SenderProtocol(LineOnlyReceiver):
             self.sender.result.sent += count
             self.output.write(data)
 
-        if not self._halfClosed and not self._paused and window.allSent():
-            self._halfClosed = True
+        if not self.halfClosed and not self._paused and window.allSent():
+            self.halfClosed = True
             self.output.unregisterProducer()
             self.output.loseWriteConnection()
             self._armFinalAckTimeout()
@@ -414,8 +417,9 @@ class SenderProtocol(LineOnlyReceiver):
         inputLine = self._toInputLine(connectionLine)
         if inputLine is None:
             return
+        self.acks += 1
         self.sender.ackReceived(inputLine)
-        if self._halfClosed:
+        if self.halfClosed:
             self._armFinalAckTimeout()
         else:
             self.pump()
@@ -565,7 +569,12 @@ class Sender:
             return
         await protocol.lost
         self.result.lines = self.window.linesRead
-        if not self.window.done() and protocol.lostReason is not None:
+        if protocol.halfClosed and not protocol.acks and not self.window.done():
+            _log.warn(
+                "the server closed after the last line without acking any;"
+                " does it send acks (twistd ingest --ack)?"
+            )
+        elif not self.window.done() and protocol.lostReason is not None:
             _log.info(
                 "connection lost with {unacked} lines unacked: {reason}",
                 unacked=len(self.window),
@@ -749,7 +758,7 @@ def summarize(result: SendResult, seconds: float, stream: IO[str]) -> None:
     rate = result.acked / max(seconds, 1e-6)
     outcome = "gave up" if result.gaveUp else "done"
     stream.write(
-        f"{outcome}: {result.lines} lines, {result.acked} acked,"
+        f"{outcome}: {result.lines} lines read, {result.acked} acked,"
         f" {len(result.rejected)} rejected, {result.sent} sent,"
         f" {result.reconnects} reconnects in {seconds:.1f}s ({rate:,.0f} lines/s)\n"
     )

@@ -160,7 +160,7 @@ class IngestService(MultiService):
         if self.sink is not None:
             if left:
                 self.sink.abandon()
-                self.log.warning(
+                self.log.warn(
                     "{left} accepted messages were not written within "
                     "{timeout} s; their clients got no acknowledgement",
                     left=left,

@@ -70,7 +70,7 @@ class OutageLog:
         if self._since is None:
             self._since = self._clock.seconds()
             self.outages += 1
-            self.log.warning(
+            self.log.warn(
                 "database writes failing ({error}); holding accepted lines and "
                 "retrying",
                 error=failure.getErrorMessage() or failure.type.__name__,
@@ -183,11 +183,25 @@ class BatchSink(Service):
                 batch = await self.queue.take(self.batchSize)
             except QueueClosed:
                 return
-            rejected = await self._write(batch)
+            rejected = await self._writeGuarded(batch)
             if rejected is None:
                 return
             self.written += len(batch)
             batch.settle(rejected)
+
+    async def _writeGuarded(self, batch: Batch) -> dict[int, str] | None:
+        """
+        L{_write}, surviving a bug in it: the batch is logged and tried
+        again later rather than lost or left to block later acknowledgements.
+        """
+        while True:
+            try:
+                return await self._write(batch)
+            except Exception:
+                self.log.failure("unexpected error writing a batch")
+                if self._abandoned:
+                    return None
+                await deferLater(self.clock, self._maxDelay, lambda: None)
 
     async def _write(self, batch: Batch) -> dict[int, str] | None:
         """
