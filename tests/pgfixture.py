@@ -4,7 +4,9 @@ A real PostgreSQL for integration tests: one fresh database per test.
 
 The server is the one named by C{TX_INGEST_TEST_DSN} (any libpq DSN of a
 role allowed to create databases), else one at 127.0.0.1:5432 as user
-C{postgres}.  When neither is reachable, tests using it are skipped.
+C{postgres}.  When neither is reachable, an embedded PostgreSQL (the
+C{embedded} extra) is started for the test run; without it, tests using a
+database are skipped.
 
 Setting up a database here is blocking (plain psycopg2): it is test set-up,
 done before the reactor has anything else to do.
@@ -12,8 +14,11 @@ done before the reactor has anything else to do.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import shutil
+import tempfile
 import uuid
 from functools import lru_cache
 from unittest import SkipTest
@@ -51,20 +56,36 @@ def _reachable(dsn: str) -> str | None:
 
 def _fallbackServerDsn(why: str) -> str:
     """
-    Provide a server when neither the configured nor the local one answers.
-
-    This is where a server started just for the tests (an embedded
-    PostgreSQL) would come from; for now there is none.
+    Provide a server when neither the configured nor the local one answers:
+    an embedded PostgreSQL in a temporary directory, started once for this
+    test process and stopped when it exits.
 
     @param why: Why the local server could not be used.
 
-    @raise SkipTest: Always.
+    @raise SkipTest: If the embedded server is not installed either.
     """
-    raise SkipTest(
-        f"no PostgreSQL for integration tests: {LOCAL_DSN!r} failed ({why});"
-        f" set {TEST_DSN_VARIABLE} to the DSN of a server where databases"
-        " may be created"
-    )
+    try:
+        from tx_ingest.embedded import EmbeddedPostgres, EmbeddedUnavailable
+    except ImportError as e:
+        raise SkipTest(f"no PostgreSQL for integration tests ({why}): {e}")
+    directory = tempfile.mkdtemp(prefix="tx_ingest-test-pg-")
+    try:
+        server = EmbeddedPostgres(os.path.join(directory, "data"))
+    except EmbeddedUnavailable as e:
+        raise SkipTest(
+            f"no PostgreSQL for integration tests: {LOCAL_DSN!r} failed ({why})"
+            f" and {e}; set {TEST_DSN_VARIABLE} to the DSN of a server where"
+            " databases may be created"
+        )
+    server.startService()
+
+    def stop() -> None:
+        server.stopService()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    atexit.register(stop)
+    assert server.dsn is not None
+    return server.dsn
 
 
 @lru_cache(maxsize=1)
