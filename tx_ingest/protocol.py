@@ -39,6 +39,10 @@ _HOLD_QUEUE = 1
 _HOLD_REPLIES = 2
 _HOLD_STOPPED = 4
 
+# Parses one JSON value from a str with simplejson's C scanner; NaN and
+# Infinity are refused.
+_DECODER = simplejson.JSONDecoder(allow_nan=False)
+
 _JSON_TYPES = {
     list: "an array",
     str: "a string",
@@ -195,17 +199,28 @@ class NDJSONProtocol(LineReceiver, TimeoutMixin):
 
     def _handleLines(self, lines: list[bytes], crlf: bool) -> bool:
         """
-        Handle complete lines in order until reading is held.
+        Handle complete lines in order until reading is held.  Accepted lines
+        go to the queue together, never more than it has room for.
 
         @return: C{True} if every line was handled; otherwise the handled ones
             are removed from C{lines}.
         """
         maxLength = self.MAX_LENGTH
-        loads = simplejson.loads
-        put = self._queue.put
+        scan = _DECODER.scan_once
+        newMessage = tuple.__new__
+        queue = self._queue
+        room = queue.capacity - len(queue)
+        accepted: list[Message] = []
         number = self.lineNumber
         for index, line in enumerate(lines):
+            if room <= 0:
+                self._enqueue(accepted)
+                accepted = []
+                room = queue.capacity - len(queue)
+                if room <= 0:
+                    self._hold(_HOLD_QUEUE)
             if self._holds:
+                self._enqueue(accepted)
                 del lines[:index]
                 self.lineNumber = number
                 return False
@@ -218,8 +233,12 @@ class NDJSONProtocol(LineReceiver, TimeoutMixin):
                 self.lineNumber = number
                 self._tooLong(number)
                 continue
+            # The fast path: one C call for a well-formed line.
             try:
-                value = loads(line)
+                text = line.decode("utf-8")
+                value, end = scan(text, 0)
+                if end != len(text) and text[end:].strip(" \t\r"):
+                    raise ValueError("extra data")
             except UnicodeDecodeError as e:
                 self.lineNumber = number
                 self._reject(number, INVALID_UTF8, f"invalid UTF-8 at byte {e.start}")
@@ -228,21 +247,37 @@ class NDJSONProtocol(LineReceiver, TimeoutMixin):
                 self.lineNumber = number
                 self._reject(number, INVALID_JSON, "nested too deeply")
                 continue
-            except Exception as e:
+            except Exception:
                 if line.isspace():
                     continue
-                self.lineNumber = number
-                self._reject(number, INVALID_JSON, str(e)[:200])
-                continue
+                try:
+                    value = simplejson.loads(line, allow_nan=False)
+                except RecursionError:
+                    self.lineNumber = number
+                    self._reject(number, INVALID_JSON, "nested too deeply")
+                    continue
+                except Exception as e:
+                    self.lineNumber = number
+                    self._reject(number, INVALID_JSON, str(e)[:200])
+                    continue
             if type(value) is not dict:
                 self.lineNumber = number
                 kind = _JSON_TYPES.get(type(value), "not an object")
                 self._reject(number, NOT_AN_OBJECT, f"expected an object, got {kind}")
                 continue
-            self.outstanding += 1
-            put(Message(line, number, self))
+            accepted.append(newMessage(Message, (line, number, self)))
+            room -= 1
         self.lineNumber = number
+        self._enqueue(accepted)
         return True
+
+    def _enqueue(self, messages: list[Message]) -> None:
+        """
+        Queue accepted messages (which may pause reading).
+        """
+        if messages:
+            self.outstanding += len(messages)
+            self._queue.putMany(messages)
 
     def _stashRest(self, lines: list[bytes], partial: bytes) -> None:
         """

@@ -208,16 +208,27 @@ class MessageQueue:
 
         @raise QueueClosed: If the queue no longer accepts messages.
         """
+        self.putMany([message])
+
+    def putMany(self, messages: list[Message]) -> None:
+        """
+        Queue several messages at once; the caller never passes more than
+        the room left (C{capacity - len(queue)}) and checks L{paused}
+        afterwards.
+
+        @raise QueueClosed: If the queue no longer accepts messages.
+        """
         if self._closed:
             raise QueueClosed()
-        messages = self._messages
-        messages.append(message)
-        size = len(messages)
+        queued = self._messages
+        queued.extend(messages)
+        size = len(queued)
         if size >= self.capacity:
             if size > self.capacity:
                 raise RuntimeError("message queue over its capacity")
             self._pause()
-        self.highestSize = max(self.highestSize, size)
+        if size > self.highestSize:
+            self.highestSize = size
         if self._waiters and self._wakeCall is None:
             self._wakeCall = self._clock.callLater(0, self._wakeWaiters)
 
