@@ -6,7 +6,7 @@ per client and refuses clients beyond the connection cap.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -24,6 +24,8 @@ class RefusingProtocol(Protocol):
     """
     Tells a client that the server is full, then closes.
     """
+
+    transport: ITransport  # type: ignore[assignment]
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -66,7 +68,7 @@ class IngestFactory(Factory):
         self.refused = 0
         self.reading = True
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         """
         A new L{NDJSONProtocol}, or a L{RefusingProtocol} when full or no
         longer reading.

@@ -11,12 +11,15 @@ also learns, cumulatively, which of its lines are handled.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import simplejson
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IPushProducer,
+    IConsumer,
     IReactorTime,
+    ITCPTransport,
 )
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -26,6 +29,9 @@ from zope.interface import implementer
 
 from tx_ingest.queue import Message, MessageQueue, QueueClosed
 from tx_ingest.throttle import WarningThrottle
+
+if TYPE_CHECKING:
+    from tx_ingest.listener import IngestFactory
 
 INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
@@ -51,6 +57,13 @@ _JSON_TYPES = {
     bool: "a boolean",
     type(None): "null",
 }
+
+
+class IConnectionTransport(ITCPTransport, IConsumer, IPushProducer):
+    """
+    What a connection's transport provides here: a TCP transport that is
+    also a consumer (of replies) and a push producer (of received bytes).
+    """
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,8 @@ class NDJSONProtocol(LineReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     log = Logger()
+    transport: IConnectionTransport  # type: ignore[assignment]
+    factory: IngestFactory | None  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -124,7 +139,7 @@ class NDJSONProtocol(LineReceiver, TimeoutMixin):
         warnings: WarningThrottle,
     ) -> None:
         self.MAX_LENGTH = settings.maxLineBytes
-        self.callLater = clock.callLater
+        self.callLater = clock.callLater  # type: ignore[method-assign,assignment]
         self.lineNumber = 0
         self.outstanding = 0
         self.acked = 0

@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol
 
 import simplejson
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 
@@ -171,7 +171,7 @@ class MessageQueue:
         self._messages: deque[Message] = deque()
         self._readers: set[MessageOrigin] = set()
         self._waiters: deque[tuple[Deferred[Batch], int]] = deque()
-        self._wakeCall = None
+        self._wakeCall: IDelayedCall | None = None
         self._closed = False
         self._unsettled: deque[Batch] = deque()
         self._doneBatches: set[Batch] = set()

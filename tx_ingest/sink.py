@@ -13,7 +13,7 @@ backpressure pauses the clients.  Nothing accepted is dropped.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -73,7 +73,7 @@ class OutageLog:
             self.log.warn(
                 "database writes failing ({error}); holding accepted lines and "
                 "retrying",
-                error=failure.getErrorMessage() or failure.type.__name__,
+                error=failure.getErrorMessage() or repr(failure.value),
             )
 
     def succeeded(self) -> None:
@@ -107,7 +107,7 @@ class BatchSink(Service):
         store: LineStore,
         batchSize: int = 1000,
         concurrency: int = 4,
-        ready: Deferred[object] | None = None,
+        ready: Deferred[Any] | None = None,
         minDelay: float = 0.05,
         maxDelay: float = 2.0,
     ) -> None:
@@ -157,14 +157,17 @@ class BatchSink(Service):
             Deferred.fromCoroutine(self._drain()) for _ in range(self.concurrency)
         ]
 
-    def stopService(self) -> Deferred[object]:
+    def stopService(self) -> Deferred[object]:  # type: ignore[override]
         """
         Wait for the loops to end: they end once the queue is closed and
         empty.  Close the queue before stopping the sink, or call
         L{abandon} to give up on what is still unwritten.
         """
         Service.stopService(self)
-        return DeferredList(self._loops)
+        stopped: Deferred[object] = DeferredList(self._loops).addCallback(
+            lambda _: None
+        )
+        return stopped
 
     def abandon(self) -> None:
         """

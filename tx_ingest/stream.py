@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -113,7 +113,7 @@ class IngestStream:
 
         @return: How many accepted messages were left unsettled.
         """
-        await DeferredList([port.stopListening() for port in self.ports])
+        await DeferredList([maybeDeferred(port.stopListening) for port in self.ports])
         self.factory.stopReading()
         self.queue.close()
         drained = self.queue.whenSettled()
@@ -144,7 +144,7 @@ async def listen(
     stream = IngestStream(reactor, **settings)  # type: ignore[arg-type]
     if isinstance(endpoint, str):
         endpoint = serverFromString(reactor, endpoint)
-    await stream.listenOn(endpoint)
+    await stream.listenOn(endpoint)  # type: ignore[arg-type]
     return stream
 
 
