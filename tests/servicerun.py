@@ -65,13 +65,16 @@ class ServiceProcess:
         ]
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, environment: dict[str, str] | None = None) -> None:
         """
         Start the process (from a directory of its own).
+
+        @param environment: Its environment, if not this process's.
         """
         self.process = subprocess.Popen(
             self.argv,
             cwd=self.directory,
+            env=environment,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )

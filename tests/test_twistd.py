@@ -5,15 +5,17 @@ socket, stopped with SIGTERM.
 
 from __future__ import annotations
 
+import os
 import signal
 
 import psycopg2
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
+import tests
 from tests.netclient import connect
 from tests.pgfixture import createDatabase, dropDatabase
-from tests.servicerun import ServiceProcess
+from tests.servicerun import ServiceProcess, twistdCommand
 
 
 class TwistdTests(TestCase):
@@ -42,7 +44,8 @@ class TwistdTests(TestCase):
             client.send(lines + b"oops\n", halfClose=True)
             replies = await client.closed
             self.assertEqual(
-                replies[0], {"error": "invalid_json", "line": 101, "detail": replies[0]["detail"]}
+                replies[0],
+                {"error": "invalid_json", "line": 101, "detail": replies[0]["detail"]},
             )
             self.assertEqual(replies[-1], {"ack": 101})
             with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
@@ -59,5 +62,54 @@ class TwistdTests(TestCase):
             log = service.log()
             self.assertIn("flushed 0 messages at shutdown", log)
             self.assertNotIn("Traceback", log)
+
+        return Deferred.fromCoroutine(run())
+
+
+class TacTests(TestCase):
+    """
+    The C{.tac} file runs the same service, configured from the environment.
+    """
+
+    timeout = 120
+
+    def test_tacFromEnvironment(self) -> Deferred[None]:
+        """
+        C{twistd -ny tx_ingest.tac} with C{TX_INGEST_*} variables and
+        C{DATABASE_URL} listens where told and stores what it acknowledges.
+        """
+        dsn = createDatabase()
+        self.addCleanup(dropDatabase, dsn)
+        tac = os.path.join(os.path.dirname(tests.__file__), os.pardir, "tx_ingest.tac")
+        service = ServiceProcess(dsn)
+        service.argv = [
+            *twistdCommand(),
+            "-ny",
+            os.path.abspath(tac),
+            "--pidfile=",
+            f"--logfile={service.logPath}",
+        ]
+        self.addCleanup(service.cleanup)
+        environment = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "TX_INGEST_LISTEN": f"tcp:{service.port}:interface=127.0.0.1",
+            "TX_INGEST_ACK": "1",
+            "TX_INGEST_QUEUE_SIZE": "16",
+        }
+        service.start(environment)
+
+        async def run() -> None:
+            await service.waitListening()
+            self.assertIn("queue-size=16", service.log())
+            client = await connect(service.port)
+            client.send(b'{"via":"tac"}\n', halfClose=True)
+            self.assertEqual(await client.closed, [{"ack": 1}])
+            with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
+                cursor.execute("SELECT payload FROM tx_ingest.jobs")
+                self.assertEqual(cursor.fetchall(), [({"via": "tac"},)])
+            connection.close()
+            service.signal(signal.SIGTERM)
+            await service.wait()
 
         return Deferred.fromCoroutine(run())
