@@ -50,6 +50,7 @@ class IngestFactory(Factory):
     """
 
     log = Logger()
+    noisy = False
 
     def __init__(
         self,
