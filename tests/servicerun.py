@@ -49,7 +49,15 @@ class ServiceProcess:
     @ivar logPath: Where its log goes.
     """
 
-    def __init__(self, dsn: str, *options: str, port: int | None = None) -> None:
+    def __init__(
+        self, dsn: str, *options: str, port: int | None = None, listen: bool = True
+    ) -> None:
+        """
+        @param dsn: The database.
+        @param options: More options of C{twistd ingest}.
+        @param port: The port to listen on (a free one by default).
+        @param listen: Whether to pass C{--listen} (not with C{--no-ingest}).
+        """
         self.port = port or freePort()
         self.directory = tempfile.mkdtemp(prefix="tx_ingest-twistd-")
         self.logPath = os.path.join(self.directory, "twistd.log")
@@ -59,7 +67,7 @@ class ServiceProcess:
             "--pidfile=",
             f"--logfile={self.logPath}",
             "ingest",
-            f"--listen=tcp:{self.port}:interface=127.0.0.1",
+            *([f"--listen=tcp:{self.port}:interface=127.0.0.1"] if listen else []),
             f"--dsn={dsn}",
             *options,
         ]

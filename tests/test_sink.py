@@ -97,7 +97,7 @@ class BatchSinkTests(SynchronousTestCase):
         self.put(1, 2)
         self.clock.advance(0)
         delays = []
-        for attempt in range(5):
+        for _ in range(5):
             self.store.calls[-1][1].errback(ConnectionError("down"))
             before = len(self.store.calls)
             waited = 0.0
@@ -172,5 +172,3 @@ class BatchSinkTests(SynchronousTestCase):
         ready.callback(None)
         self.clock.advance(0)
         self.assertEqual(len(self.store.calls), 1)
-
-

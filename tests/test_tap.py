@@ -41,7 +41,9 @@ class OptionsTests(SynchronousTestCase):
         """
         C{--listen} may be given several times.
         """
-        options = self.parse("--listen", "tcp:1:interface=127.0.0.2", "--listen", "unix:/x")
+        options = self.parse(
+            "--listen", "tcp:1:interface=127.0.0.2", "--listen", "unix:/x"
+        )
         self.assertEqual(options["listen"], ["tcp:1:interface=127.0.0.2", "unix:/x"])
 
     def test_badValues(self) -> None:
@@ -61,9 +63,7 @@ class OptionsTests(SynchronousTestCase):
         """
         C{--dsn} defaults to C{DATABASE_URL}.
         """
-        self.patch(
-            __import__("os"), "environ", {"DATABASE_URL": "postgresql://x/y"}
-        )
+        self.patch(__import__("os"), "environ", {"DATABASE_URL": "postgresql://x/y"})
         self.assertEqual(self.parse()["dsn"], "postgresql://x/y")
 
 

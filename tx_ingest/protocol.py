@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import simplejson
 from twisted.internet.interfaces import (
+    IConsumer,
     IHalfCloseableProtocol,
     IPushProducer,
-    IConsumer,
     IReactorTime,
     ITCPTransport,
 )

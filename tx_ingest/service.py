@@ -7,14 +7,19 @@ and stopped in order, so that nothing accepted is lost on the way down.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tx_ingest.sink import BatchSink
 from tx_ingest.stream import IngestStream
+
+if TYPE_CHECKING:
+    from tx_ingest.store import HealingPool, JobStore
 
 
 class DatabaseService(Service):
@@ -33,7 +38,7 @@ class DatabaseService(Service):
         dsn: Callable[[], str],
         poolSize: int,
         schema: str,
-        storeOptions: dict[str, object],
+        storeOptions: dict[str, Any],
     ) -> None:
         """
         @param dsn: Returns the DSN to connect to; called at start, so that an
@@ -45,8 +50,8 @@ class DatabaseService(Service):
         self.poolSize = poolSize
         self.schema = schema
         self.storeOptions = storeOptions
-        self.pool = None
-        self.store = None
+        self.pool: HealingPool | None = None
+        self.store: JobStore | None = None
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
@@ -126,10 +131,10 @@ class IngestService(MultiService):
         listened on fails start-up at once.
         """
         MultiService.privilegedStartService(self)
+        failures: list[Failure] = []
         for endpoint in self.endpoints:
             listening = Deferred.fromCoroutine(self.stream.listenOn(endpoint))
-            failures = []
-            listening.addErrback(failures.append)
+            listening.addErrback(failures.append)  # type: ignore[call-overload]
             if failures:
                 failures[0].raiseException()
 

@@ -86,6 +86,9 @@ class Options(usage.Options):
 
     optFlags = [
         ["ack", None, 'Send {"ack": N} once lines 1..N are stored.'],
+        ["no-worker", None, "Do not run jobs (an ingest node only)."],
+        ["no-ingest", None, "Do not listen for lines (a worker only)."],
+        ["no-notify", None, "Poll for jobs only, without LISTEN (PgBouncer)."],
     ]
 
     optParameters = [
@@ -115,7 +118,8 @@ class Options(usage.Options):
             "shutdown-timeout",
             None,
             30.0,
-            "Seconds to write accepted lines at shutdown before giving up.",
+            "Seconds to write accepted lines, and for running jobs to end, at "
+            "shutdown.",
             nonNegativeSeconds,
         ],
         [
@@ -149,11 +153,69 @@ class Options(usage.Options):
             "tx_ingest-data",
             "Directory of the embedded PostgreSQL.",
         ],
+        [
+            "concurrency",
+            None,
+            10,
+            "Most jobs run at once by this process.",
+            positiveInt,
+        ],
+        [
+            "poll-interval",
+            None,
+            1.0,
+            "Seconds between looks for due jobs when nothing announces any.",
+            positiveSeconds,
+        ],
+        [
+            "orphan-after",
+            None,
+            60.0,
+            "Seconds without a heartbeat before a worker's jobs are taken back.",
+            positiveSeconds,
+        ],
+        [
+            "keep-done",
+            None,
+            86400.0,
+            "Seconds done jobs are kept (0: deleted at once).",
+            nonNegativeSeconds,
+        ],
+        [
+            "max-attempts",
+            None,
+            5,
+            "Attempts a job gets when neither its row nor its handler says.",
+            positiveInt,
+        ],
+        [
+            "job-timeout",
+            None,
+            300.0,
+            "Seconds an attempt may take when its handler does not say (0: no limit).",
+            nonNegativeSeconds,
+        ],
+        [
+            "worker-name",
+            None,
+            None,
+            "Name locking this worker's jobs; unique among live processes "
+            "(default: <host>-<pid>).",
+            fieldName,
+        ],
     ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["listen"] = []
+        self["tasks"] = []
+
+    def opt_tasks(self, module: str) -> None:
+        """
+        Import this module of job handlers (repeatable); without any, no
+        jobs are run.
+        """
+        self["tasks"].append(module)
 
     def opt_listen(self, endpoint: str) -> None:
         """
@@ -172,17 +234,41 @@ class Options(usage.Options):
         """
         Fill in defaults that depend on other options or the environment.
         """
-        if not self["listen"]:
+        if self["no-ingest"]:
+            if self["no-worker"]:
+                raise usage.UsageError(
+                    "--no-ingest and --no-worker leave nothing to run"
+                )
+            if self["listen"]:
+                raise usage.UsageError("--listen makes no sense with --no-ingest")
+            if not self["tasks"]:
+                raise usage.UsageError("--no-ingest needs --tasks")
+        elif not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["tasks"] and not self["no-worker"]:
+            from tx_ingest.tasks import importTaskModules
+
+            try:
+                importTaskModules(self["tasks"])
+            except ImportError as e:
+                raise usage.UsageError(str(e))
         if self["dsn"] is None:
             self["dsn"] = os.environ.get("DATABASE_URL") or None
+        if self["dsn"] is None:
+            from tx_ingest.embedded import EmbeddedUnavailable, requireEmbedded
+
+            try:
+                requireEmbedded()
+            except EmbeddedUnavailable as e:
+                raise usage.UsageError(str(e))
 
 
 def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
     """
     Parse L{Options} from C{TX_INGEST_*} environment variables, for C{.tac}
     deployments.  C{TX_INGEST_LISTEN} may hold several endpoints separated by
-    spaces; a flag is on when its variable is C{1}, C{true} or C{yes}.
+    spaces, and C{TX_INGEST_TASKS} several modules; a flag is on when its
+    variable is C{1}, C{true} or C{yes}.
 
     @raise usage.UsageError: For a bad value, as on the command line.
     """
@@ -193,9 +279,9 @@ def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
         if not key.startswith(ENVIRONMENT_PREFIX):
             continue
         name = key[len(ENVIRONMENT_PREFIX) :].lower().replace("_", "-")
-        if name == "listen":
-            for endpoint in value.split():
-                argv += ["--listen", endpoint]
+        if name in ("listen", "tasks"):
+            for item in value.split():
+                argv += [f"--{name}", item]
         elif name in flags:
             if value.lower() in ("1", "true", "yes"):
                 argv.append(f"--{name}")
@@ -223,6 +309,7 @@ def makeService(options: Options) -> IService:
         idleTimeout=options["idle-timeout"],
         ack=options["ack"],
     )
+    ingest = not options["no-ingest"]
     endpoints = [serverFromString(reactor, e) for e in options["listen"]]
 
     dsn = options["dsn"]
@@ -232,9 +319,18 @@ def makeService(options: Options) -> IService:
 
         embedded = EmbeddedPostgres(options["data-dir"])
 
+    def currentDsn() -> str:
+        """
+        The DSN to connect to: the embedded server's, once it has started.
+        """
+        if embedded is not None:
+            assert embedded.dsn is not None, "embedded PostgreSQL not started"
+            return embedded.dsn
+        return str(dsn)
+
     database = DatabaseService(
         reactor,
-        (lambda: embedded.dsn) if embedded is not None else (lambda: dsn),
+        currentDsn,
         options["pool-size"],
         options["schema"],
         {
@@ -243,20 +339,28 @@ def makeService(options: Options) -> IService:
             "dedupeField": options["dedupe-field"],
         },
     )
-    sink = BatchSink(
-        reactor,
-        stream.queue,
-        _DeferredStore(database),
-        batchSize=options["batch-size"],
-        concurrency=options["pool-size"],
-        ready=database.ready,
-    )
+    sink = None
+    if ingest:
+        sink = BatchSink(
+            reactor,
+            stream.queue,
+            _DeferredStore(database),
+            batchSize=options["batch-size"],
+            concurrency=options["pool-size"],
+            ready=database.ready,
+        )
     service = IngestService(
         reactor, stream, endpoints, sink, options["shutdown-timeout"]
     )
     if embedded is not None:
         embedded.setServiceParent(service)
     database.setServiceParent(service)
+    worker = _makeWorker(reactor, options, database)
+    if worker is not None:
+        # Added after the database, so that it stops before it.
+        worker.setServiceParent(service)
+    if not ingest:
+        log.info("ingest off (--no-ingest): no listener, no sink")
     log.info(
         "tx_ingest starting: listen={listen} max-connections={maxConnections} "
         "max-line-bytes={maxLineBytes} queue-size={queueSize} "
@@ -272,6 +376,41 @@ def makeService(options: Options) -> IService:
         poolSize=options["pool-size"],
     )
     return service
+
+
+def _makeWorker(reactor: object, options: Options, database: object) -> IService | None:
+    """
+    The worker service the options ask for, if any.
+    """
+    if options["no-worker"]:
+        log.info("worker off (--no-worker)")
+        return None
+    from tx_ingest.tasks import defaultRegistry
+
+    if not options["tasks"]:
+        log.info("worker off: no --tasks module names job handlers")
+        return None
+    if not len(defaultRegistry):
+        log.warn(
+            "worker off: the --tasks modules {modules} register no handler",
+            modules=" ".join(options["tasks"]),
+        )
+        return None
+
+    from tx_ingest.worker import WorkerService, WorkerSettings, defaultWorkerName
+
+    settings = WorkerSettings(
+        name=options["worker-name"] or defaultWorkerName(),
+        concurrency=options["concurrency"],
+        pollInterval=options["poll-interval"],
+        notify=not options["no-notify"],
+        orphanAfter=options["orphan-after"],
+        keepDone=options["keep-done"],
+        maxAttempts=options["max-attempts"],
+        jobTimeout=options["job-timeout"],
+        shutdownTimeout=options["shutdown-timeout"],
+    )
+    return WorkerService(reactor, database, defaultRegistry, settings)
 
 
 class _DeferredStore:
