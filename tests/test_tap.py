@@ -75,7 +75,8 @@ class EnvironmentTests(SynchronousTestCase):
     def test_variables(self) -> None:
         """
         Each variable maps to its option; C{TX_INGEST_LISTEN} holds several
-        endpoints; flags take C{1}; unrelated variables are ignored.
+        endpoints; flags take C{1}; unrelated variables, and C{TX_INGEST_}
+        ones naming no option, are ignored.
         """
         options = optionsFromEnvironment(
             {
@@ -83,6 +84,7 @@ class EnvironmentTests(SynchronousTestCase):
                 "TX_INGEST_QUEUE_SIZE": "64",
                 "TX_INGEST_ACK": "1",
                 "TX_INGEST_DSN": "dbname=x",
+                "TX_INGEST_TEST_DSN": "dbname=tests",
                 "HOME": "/root",
             }
         )

@@ -268,18 +268,23 @@ def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
     Parse L{Options} from C{TX_INGEST_*} environment variables, for C{.tac}
     deployments.  C{TX_INGEST_LISTEN} may hold several endpoints separated by
     spaces, and C{TX_INGEST_TASKS} several modules; a flag is on when its
-    variable is C{1}, C{true} or C{yes}.
+    variable is C{1}, C{true} or C{yes}.  Variables naming no option (such
+    as C{TX_INGEST_TEST_DSN}, which the tests read) are ignored, with a
+    warning.
 
     @raise usage.UsageError: For a bad value, as on the command line.
     """
     options = Options()
     flags = {flag[0] for flag in options.optFlags}
+    parameters = {parameter[0] for parameter in options.optParameters}
     argv: list[str] = []
     for key, value in sorted(environ.items()):
         if not key.startswith(ENVIRONMENT_PREFIX):
             continue
         name = key[len(ENVIRONMENT_PREFIX) :].lower().replace("_", "-")
-        if name in ("listen", "tasks"):
+        if name not in flags | parameters | {"listen", "tasks"}:
+            log.warn("ignoring {variable}: no such option", variable=key)
+        elif name in ("listen", "tasks"):
             for item in value.split():
                 argv += [f"--{name}", item]
         elif name in flags:
