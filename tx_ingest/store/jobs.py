@@ -338,20 +338,25 @@ def _linesInsertSql(quoted: str, typeField: str | None, dedupeField: str | None)
             "CASE WHEN jsonb_typeof(e.value -> %(typeField)s) = 'string'"
             " THEN e.value ->> %(typeField)s ELSE %(jobType)s END"
         )
-    if dedupeField is None:
-        dedupeKey = "NULL"
-    else:
-        dedupeKey = (
-            "CASE WHEN jsonb_typeof(e.value -> %(dedupeField)s)"
+    columns, values, conflict = "job_type, payload", f"{jobType}, e.value", ""
+    if dedupeField is not None:
+        # Only then can rows conflict: without it, leaving ON CONFLICT out
+        # saves the arbiter-index check on every row.
+        columns += ", dedupe_key"
+        values += (
+            ", CASE WHEN jsonb_typeof(e.value -> %(dedupeField)s)"
             " IN ('string', 'number') THEN e.value ->> %(dedupeField)s END"
         )
+        conflict = (
+            "ON CONFLICT (job_type, dedupe_key) WHERE dedupe_key IS NOT NULL"
+            " DO NOTHING"
+        )
     return f"""
-        INSERT INTO {quoted}.jobs (job_type, payload, dedupe_key)
-        SELECT {jobType}, e.value, {dedupeKey}
+        INSERT INTO {quoted}.jobs ({columns})
+        SELECT {values}
         FROM jsonb_array_elements(%(batch)s::jsonb) WITH ORDINALITY AS e(value, n)
         ORDER BY e.n
-        ON CONFLICT (job_type, dedupe_key) WHERE dedupe_key IS NOT NULL
-        DO NOTHING
+        {conflict}
     """
 
 
