@@ -27,7 +27,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tx_ingest.queue import Message, MessageQueue, QueueClosed
+from tx_ingest.queue import Entry, MessageQueue, QueueClosed
 from tx_ingest.throttle import WarningThrottle
 
 if TYPE_CHECKING:
@@ -222,10 +222,9 @@ class NDJSONProtocol(LineReceiver, TimeoutMixin):
         """
         maxLength = self.MAX_LENGTH
         scan = _DECODER.scan_once
-        newMessage = tuple.__new__
         queue = self._queue
         room = queue.capacity - len(queue)
-        accepted: list[Message] = []
+        accepted: list[Entry] = []
         number = self.lineNumber
         for index, line in enumerate(lines):
             if room <= 0:
@@ -280,13 +279,13 @@ class NDJSONProtocol(LineReceiver, TimeoutMixin):
                 kind = _JSON_TYPES.get(type(value), "not an object")
                 self._reject(number, NOT_AN_OBJECT, f"expected an object, got {kind}")
                 continue
-            accepted.append(newMessage(Message, (line, number, self)))
+            accepted.append((line, number, self))
             room -= 1
         self.lineNumber = number
         self._enqueue(accepted)
         return True
 
-    def _enqueue(self, messages: list[Message]) -> None:
+    def _enqueue(self, messages: list[Entry]) -> None:
         """
         Queue accepted messages (which may pause reading).
         """

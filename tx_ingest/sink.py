@@ -212,7 +212,7 @@ class BatchSink(Service):
 
         @return: The refused lines by index, or L{None} if abandoned.
         """
-        lines = [message.line for message in batch.messages]
+        lines = batch.lines
         delay = self._minDelay
         while True:
             try:

@@ -276,7 +276,7 @@ def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
     """
     options = Options()
     flags = {flag[0] for flag in options.optFlags}
-    parameters = {parameter[0] for parameter in options.optParameters}
+    parameters = {str(parameter[0]) for parameter in options.optParameters}  # type: ignore[index]
     argv: list[str] = []
     for key, value in sorted(environ.items()):
         if not key.startswith(ENVIRONMENT_PREFIX):

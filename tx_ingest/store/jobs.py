@@ -348,8 +348,7 @@ def _linesInsertSql(quoted: str, typeField: str | None, dedupeField: str | None)
             " IN ('string', 'number') THEN e.value ->> %(dedupeField)s END"
         )
         conflict = (
-            "ON CONFLICT (job_type, dedupe_key) WHERE dedupe_key IS NOT NULL"
-            " DO NOTHING"
+            "ON CONFLICT (job_type, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING"
         )
     return f"""
         INSERT INTO {quoted}.jobs ({columns})
