@@ -85,6 +85,38 @@ class BatchSinkTests(SynchronousTestCase):
         self.assertEqual(len(self.store.calls[1][0]), 3)
         self.assertEqual(self.origin.settled, [(1, 1, [])])
 
+    def test_lightTrafficSharesCommits(self) -> None:
+        """
+        While one write is in flight, a second lane waits for a backlog of a
+        full batch, so a trickle of lines is written one batch at a time,
+        and a backlog is written in parallel.
+        """
+        sink = BatchSink(self.clock, self.queue, self.store, batchSize=4, concurrency=2)
+        sink.startService()
+        self.put(1)
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.calls), 1)
+        self.put(2, 3, 4)
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.calls), 1)
+        self.put(5)
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.calls), 2)
+        self.assertEqual(len(self.store.calls[1][0]), 4)
+
+    def test_closingServesEveryLane(self) -> None:
+        """
+        Closing the queue hands what is left to a waiting lane whatever its
+        minimum, so shutdown writes everything.
+        """
+        sink = BatchSink(self.clock, self.queue, self.store, batchSize=4, concurrency=2)
+        sink.startService()
+        self.put(1)
+        self.clock.advance(0)
+        self.put(2)
+        self.queue.close()
+        self.assertEqual([lines for lines, _ in self.store.calls][1], [b'{"n":2}'])
+
     def test_retryUntilLanded(self) -> None:
         """
         A failing write is retried with growing delays until it lands; the

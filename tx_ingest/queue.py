@@ -193,7 +193,7 @@ class MessageQueue:
         self._clock = clock
         self._messages: deque[Entry] = deque()
         self._readers: set[MessageOrigin] = set()
-        self._waiters: deque[tuple[Deferred[Batch], int]] = deque()
+        self._waiters: deque[tuple[Deferred[Batch], int, int]] = deque()
         self._wakeCall: IDelayedCall | None = None
         self._closed = False
         self._unsettled: deque[Batch] = deque()
@@ -255,19 +255,21 @@ class MessageQueue:
         if self._waiters and self._wakeCall is None:
             self._wakeCall = self._clock.callLater(0, self._wakeWaiters)
 
-    def take(self, most: int) -> Deferred[Batch]:
+    def take(self, most: int, atLeast: int = 1) -> Deferred[Batch]:
         """
-        Take up to C{most} messages, waiting until there is at least one.
+        Take up to C{most} messages, waiting until at least C{atLeast} are
+        queued (or the queue is closed and anything is left).  Waiting
+        consumers are served in the order they asked.
 
         @return: A L{Deferred} firing with a non-empty L{Batch}, or failing
             with L{QueueClosed} once the queue is closed and empty.
         """
-        if self._messages and not self._waiters:
-            return succeed(self._takeNow(most))
-        if self._closed:
+        if self._closed and not self._messages:
             return fail(QueueClosed())
         waiter: Deferred[Batch] = Deferred()
-        self._waiters.append((waiter, most))
+        self._waiters.append((waiter, most, atLeast))
+        if self._messages:
+            self._wakeWaiters()
         return waiter
 
     def close(self) -> None:
@@ -276,8 +278,7 @@ class MessageQueue:
         their L{take} fails with L{QueueClosed}.
         """
         self._closed = True
-        if not self._messages:
-            self._failWaiters()
+        self._wakeWaiters()
 
     def whenSettled(self) -> Deferred[None]:
         """
@@ -303,25 +304,32 @@ class MessageQueue:
         self._unsettled.append(batch)
         if self.paused and len(messages) <= self.lowWater:
             self._resume()
-        if self._closed and not messages:
-            self._failWaiters()
         return batch
 
     def _wakeWaiters(self) -> None:
         """
-        Hand queued messages to waiting consumers, oldest waiter first.
+        Hand queued messages to waiting consumers whose minimum is met (any
+        of them once closed), oldest waiter first.
         """
         self._wakeCall = None
-        while self._waiters and self._messages:
-            waiter, most = self._waiters.popleft()
-            waiter.callback(self._takeNow(most))
+        for entry in list(self._waiters):
+            waiter, most, atLeast = entry
+            if not self._messages:
+                break
+            if entry not in self._waiters:
+                continue  # served by a nested call from a callback
+            if len(self._messages) >= atLeast or self._closed:
+                self._waiters.remove(entry)
+                waiter.callback(self._takeNow(most))
+        if self._closed and not self._messages:
+            self._failWaiters()
 
     def _failWaiters(self) -> None:
         """
         Tell every waiting consumer that nothing more will come.
         """
         while self._waiters:
-            waiter, _ = self._waiters.popleft()
+            waiter, _, _ = self._waiters.popleft()
             waiter.errback(QueueClosed())
         self._checkDrained()
 

@@ -154,7 +154,8 @@ class BatchSink(Service):
         if not self.running:
             return
         self._loops = [
-            Deferred.fromCoroutine(self._drain()) for _ in range(self.concurrency)
+            Deferred.fromCoroutine(self._drain(lane))
+            for lane in range(self.concurrency)
         ]
 
     def stopService(self) -> Deferred[object]:  # type: ignore[override]
@@ -177,13 +178,21 @@ class BatchSink(Service):
         """
         self._abandoned = True
 
-    async def _drain(self) -> None:
+    async def _drain(self, lane: int) -> None:
         """
         One drain loop: take a batch, write it until it lands, settle it.
+
+        The first lane takes whatever is queued.  The others wait for a
+        backlog (half the queue, or a full batch), so under light traffic
+        one write is in flight at a time and lines arriving meanwhile share
+        the next commit instead of each paying for its own.
         """
+        atLeast = 1
+        if lane:
+            atLeast = max(1, min(self.batchSize, self.queue.capacity // 2))
         while not self._abandoned:
             try:
-                batch = await self.queue.take(self.batchSize)
+                batch = await self.queue.take(self.batchSize, atLeast)
             except QueueClosed:
                 return
             rejected = await self._writeGuarded(batch)
