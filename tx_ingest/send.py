@@ -178,16 +178,50 @@ class UnackedWindow:
         @return: The bytes to write and how many lines they hold (C{0} if the
             window is full or the input exhausted).
         """
-        lines = []
+        lines: list[bytes] = []
         size = 0
-        while size < maxBytes:
-            if not self._unsent and not (self._hasRoom() and self._readOne()):
-                break
-            line = self._unsent.popleft()
-            self._unacked.append(line)
+        unsent, unacked = self._unsent, self._unacked
+        # Lines already read (put back by a rewind) go first.
+        while unsent and size < maxBytes:
+            line = unsent.popleft()
+            unacked.append(line)
             lines.append(line)
             size += len(line)
+        if size < maxBytes and not unsent and not self._exhausted:
+            size = self._readInto(lines, size, maxBytes)
         return b"".join(lines), len(lines)
+
+    def _readInto(self, lines: list[bytes], size: int, maxBytes: int) -> int:
+        """
+        Read input lines straight into C{unacked} (and C{lines}) while the
+        chunk is under C{maxBytes} and the window has room; the per-line
+        loop of a sender, so kept to local variables.
+
+        @return: The chunk's size after reading.
+        """
+        source, unacked = self._source, self._unacked
+        held, heldBytes = len(unacked), self._bytes
+        maxLines, maxHeldBytes = self.maxLines, self.maxBytes
+        read = 0
+        while size < maxBytes and (
+            held == 0 or (held < maxLines and heldBytes < maxHeldBytes)
+        ):
+            line = next(source, None)
+            if line is None:
+                self._exhausted = True
+                break
+            if line[-1:] != b"\n":
+                line += b"\n"
+            length = len(line)
+            unacked.append(line)
+            lines.append(line)
+            size += length
+            heldBytes += length
+            held += 1
+            read += 1
+        self._bytes = heldBytes
+        self.linesRead += read
+        return size
 
     def ack(self, through: int) -> int:
         """
@@ -196,11 +230,15 @@ class UnackedWindow:
         @param through: An input line number.
         @return: How many lines were dropped.
         """
-        dropped = 0
-        while self._unacked and self.firstUnacked <= through:
-            self._bytes -= len(self._unacked.popleft())
-            self.firstUnacked += 1
-            dropped += 1
+        dropped = min(through - self.firstUnacked + 1, len(self._unacked))
+        if dropped <= 0:
+            return 0
+        popleft = self._unacked.popleft
+        freed = 0
+        for _ in range(dropped):
+            freed += len(popleft())
+        self._bytes -= freed
+        self.firstUnacked += dropped
         return dropped
 
     def rewind(self) -> None:
