@@ -602,7 +602,7 @@ async def killService(scale: Scale) -> Outcome:
 
 
 _FLUSHED = re.compile(r"flushed (\d+) messages at shutdown")
-_QUEUED = re.compile(r"shutting down: (\d+) accepted messages to write")
+_QUEUED = re.compile(r"writing the (\d+) accepted lines not yet written")
 
 
 async def terminateService(scale: Scale, shutdownTimeout: float = 10.0) -> Outcome:
@@ -647,9 +647,9 @@ async def terminateService(scale: Scale, shutdownTimeout: float = 10.0) -> Outco
             )
             outcome.check(status in (0, 143, -signal.SIGTERM), f"exit status {status}")
             outcome.check(len(flushed) == 1, f"flushed counts logged: {flushed}")
-            # "shutting down: N accepted" also counts batches already written
-            # but waiting for an earlier one to settle, so N may exceed the
-            # flushed count; what was flushed must be stored.
+            # The logged backlog counts batches already written but waiting
+            # for an earlier one to settle, so it may exceed the flushed
+            # count; what was flushed must be stored.
             outcome.check(
                 len(queued) == 1 and sum(flushed) <= len(storedAtExit),
                 f"flushed {flushed} (of {queued} accepted), {len(storedAtExit)} stored",

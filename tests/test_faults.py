@@ -140,13 +140,6 @@ class FaultTests(TestCase):
         """
         return Deferred.fromCoroutine(self._term(strict=True))
 
-    test_serviceTerminatedAcksEverythingStored.skip = (  # type: ignore[attr-defined]
-        "bug: IngestService.stopService returns before the final acks are "
-        "written (IngestStream.stop calls factory.closeAll() without waiting "
-        "for the connections to close), so twistd's disconnectAll at reactor "
-        "shutdown drops them"
-    )
-
     async def _flood(self) -> None:
         outcome = await faults.connectionFlood(TEST)
         cap = TEST.connectionCap

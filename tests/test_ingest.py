@@ -135,43 +135,6 @@ class IngestTests(TestCase):
         """
         return Deferred.fromCoroutine(coroutine())
 
-    def test_manyConnectionsStoredOnceInOrder(self) -> Deferred[None]:
-        """
-        Several connections each sending thousands of lines get a final ack
-        equal to their line count and no error; every line is stored exactly
-        once, and the rows of each connection have ascending ids in line
-        order.
-        """
-
-        async def body() -> None:
-            running = await self.startService()
-            clients, perClient = 4, 5000
-            connections = [await self.connect(running) for _ in range(clients)]
-            for number, client in enumerate(connections):
-                client.send(numbered(number, perClient), halfClose=True)
-            for client in connections:
-                replies = await client.closed
-                self.assertEqual(replies[-1], {"ack": perClient})
-                self.assertEqual([r for r in replies if "error" in r], [])
-            rows = self.rows(
-                "SELECT (payload->>'c')::int, (payload->>'n')::int"
-                " FROM tx_ingest.jobs ORDER BY id"
-            )
-            self.assertEqual(len(rows), clients * perClient)
-            for number in range(clients):
-                self.assertEqual(
-                    [n for c, n in rows if c == number], list(range(perClient))
-                )
-
-        return self.run_(body)
-
-    test_manyConnectionsStoredOnceInOrder.skip = (  # type: ignore[attr-defined]
-        "bug: batches of one connection are written concurrently by the "
-        "BatchSink's drain loops (one per pooled connection), so a later "
-        "batch can commit first and take smaller ids: rows of a connection "
-        "are not in line order"
-    )
-
     def test_manyConnectionsStoredOnce(self) -> Deferred[None]:
         """
         Several connections each sending thousands of lines get a final ack
@@ -429,12 +392,6 @@ class IngestTests(TestCase):
             self.assertEqual(running.service.stream.factory.connections, set())
 
         return self.run_(body)
-
-    test_stopReturnsAfterConnectionsClosed.skip = (  # type: ignore[attr-defined]
-        "bug: IngestStream.stop (tx_ingest/stream.py) calls factory.closeAll() "
-        "and returns without waiting for the connections to close, so under "
-        "twistd the final acks still buffered are dropped by disconnectAll"
-    )
 
 
 class DeafClient(Protocol):

@@ -6,6 +6,7 @@ per client and refuses clients beyond the connection cap.
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -66,6 +67,7 @@ class IngestFactory(Factory):
         self.maxConnections = maxConnections
         self.warnings = warnings or WarningThrottle(self.log, clock)
         self.connections: set[NDJSONProtocol] = set()
+        self._whenEmpty: list[Deferred[None]] = []
         self.refused = 0
         self.reading = True
 
@@ -98,6 +100,11 @@ class IngestFactory(Factory):
         Stop counting a connection that has ended, however it ended.
         """
         self.connections.discard(protocol)
+        if not self.connections:
+            waiting, self._whenEmpty = self._whenEmpty, []
+            for d in waiting:
+                if not d.called:  # not already timed out
+                    d.callback(None)
 
     def stopReading(self) -> None:
         """
@@ -107,9 +114,24 @@ class IngestFactory(Factory):
         for protocol in list(self.connections):
             protocol.stopReading()
 
-    def closeAll(self) -> None:
+    def closeAll(self) -> Deferred[None]:
         """
         Close every connection once its replies are written.
+
+        @return: Fires once every connection is gone.
         """
+        closed: Deferred[None] = Deferred()
+        if not self.connections:
+            closed.callback(None)
+            return closed
+        self._whenEmpty.append(closed)
         for protocol in list(self.connections):
             protocol.closeConnection()
+        return closed
+
+    def abortAll(self) -> None:
+        """
+        Drop every connection at once, unsent replies and all.
+        """
+        for protocol in list(self.connections):
+            protocol.transport.abortConnection()

@@ -156,10 +156,11 @@ class IngestService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        queued = len(self.stream.queue) + self.stream.queue.inFlight
         before = self.sink.written if self.sink is not None else 0
         self.log.info(
-            "shutting down: {queued} accepted messages to write", queued=queued
+            "shutting down: no new connections or lines; writing the "
+            "{queued} accepted lines not yet written",
+            queued=len(self.stream.queue) + self.stream.queue.inFlight,
         )
         left = await self.stream.stop(self.shutdownTimeout)
         if self.sink is not None:

@@ -31,6 +31,9 @@ from tx_ingest.listener import IngestFactory
 from tx_ingest.protocol import ProtocolSettings
 from tx_ingest.queue import Batch, Message, MessageQueue, QueueClosed
 
+#: Seconds connections get to flush their last replies when the stream stops.
+CLOSE_GRACE = 5.0
+
 
 class IngestStream:
     """
@@ -123,7 +126,15 @@ class IngestStream:
         except TimeoutError:
             pass
         left = len(self.queue) + self.queue.inFlight
-        self.factory.closeAll()
+
+        # Close once the replies written so far (the final acks) are out;
+        # a client that does not read them is cut off after a short grace.
+        closed = self.factory.closeAll()
+        closed.addTimeout(CLOSE_GRACE, self.clock)
+        try:
+            await closed
+        except TimeoutError:
+            self.factory.abortAll()
         return left
 
 
