@@ -86,13 +86,6 @@ class FaultTests(TestCase):
         """
         return Deferred.fromCoroutine(self._restart(True, strict=True))
 
-    test_postgresRestartedPoolRecovers.skip = (  # type: ignore[attr-defined]
-        "bug (intermittent): after PostgreSQL restarts mid-stream, HealingPool "
-        "sometimes never reopens every connection and leaves connection "
-        "attempts that never send their startup packet; they hold up the "
-        "server's shutdown for authentication_timeout (pg_ctl stop timed out "
-        "after 60 s)"
-    )
 
     if noEmbedded is not None:
         test_postgresRestartedDedupe.skip = noEmbedded  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ from itertools import islice
 from typing import Any, cast
 
 import psycopg2
+from psycopg2 import OperationalError
 from psycopg2.errors import LockNotAvailable
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
@@ -31,6 +32,7 @@ from tests.pgfixture import (
 from tx_ingest.store.pool import (
     HealingPool,
     PoolClosed,
+    _DescriptorGuard,
     fastReconnectionDelays,
     isConnectionFailure,
 )
@@ -448,3 +450,114 @@ class SeparateDatabaseTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         dropDatabase(dsn)
         self.assertRaises(psycopg2.OperationalError, psycopg2.connect, dsn)
+
+
+class _FakePoller:
+    """
+    Records unregistrations; refuses descriptors it was told are closed.
+    """
+
+    def __init__(self) -> None:
+        self.closed: set[int] = set()
+        self.unregistered: list[int] = []
+
+    def unregister(self, fd: int) -> None:
+        if fd in self.closed:
+            raise OSError(9, "Bad file descriptor")
+        self.unregistered.append(fd)
+
+
+class _FakeEpollReactor:
+    """
+    Just the tables and behaviour of the epoll reactor that matter to
+    L{_DescriptorGuard}.
+    """
+
+    def __init__(self) -> None:
+        self._reads: set[int] = set()
+        self._writes: set[int] = set()
+        self._selectables: dict[int, object] = {}
+        self._poller = _FakePoller()
+
+    def addReader(self, selectable: Any) -> None:
+        fd = selectable.fileno()
+        if fd not in self._reads:
+            self._reads.add(fd)
+            self._selectables[fd] = selectable
+
+    def addWriter(self, selectable: Any) -> None:
+        fd = selectable.fileno()
+        self._writes.add(fd)
+        self._selectables[fd] = selectable
+
+    def removeReader(self, selectable: Any) -> None:
+        fd = selectable.fileno()
+        if fd == -1:
+            owned = [n for n, owner in self._selectables.items() if owner is selectable]
+            if not owned:
+                return
+            fd = owned[0]
+        del self._selectables[fd]
+        self._poller.unregister(fd)
+        self._reads.discard(fd)
+
+    def removeWriter(self, selectable: Any) -> None:
+        self.removeReader(selectable)
+
+
+class _Socket:
+    """
+    A selectable whose descriptor can be closed under it, as libpq does.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lastDescriptor = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class DescriptorGuardTests(SynchronousTestCase):
+    """
+    L{_DescriptorGuard} keeps a descriptor number that libpq closed from
+    stopping a new connection given the same number from being polled.
+    """
+
+    def test_staleOwnerForgottenOnAdd(self) -> None:
+        """
+        A new socket with the number of a dead connection that is still
+        registered replaces it, instead of being silently ignored.
+        """
+        reactor = _FakeEpollReactor()
+        guard = _DescriptorGuard(reactor)
+        old, new = _Socket(7), _Socket(7)
+        guard.addReader(old)
+        old.fd = -1
+        guard.addReader(new)
+        self.assertIs(reactor._selectables[7], new)
+        self.assertEqual(reactor._reads, {7})
+
+    def test_removeAfterClose(self) -> None:
+        """
+        Removing a connection whose socket is closed, when the poller
+        refuses the number, still forgets the number.
+        """
+        reactor = _FakeEpollReactor()
+        guard = _DescriptorGuard(reactor)
+        dead = _Socket(9)
+        guard.addReader(dead)
+        dead.fd = -1
+        reactor._poller.closed.add(9)
+        guard.removeReader(dead)
+        self.assertEqual(reactor._reads, set())
+        self.assertNotIn(9, reactor._selectables)
+
+    def test_addClosedIsConnectionFailure(self) -> None:
+        """
+        Adding a socket libpq has already closed raises a connection failure
+        (which the pool treats as a lost connection), not a reactor error.
+        """
+        guard = _DescriptorGuard(_FakeEpollReactor())
+        error = self.assertRaises(OperationalError, guard.addReader, _Socket(-1))
+        self.assertTrue(isConnectionFailure(error))

@@ -105,16 +105,98 @@ def _describe(reason: Failure) -> str:
     return " ".join(str(reason.value).split()) or type(reason.value).__name__
 
 
+class _DescriptorGuard:
+    """
+    The reactor as a pooled connection sees it: adding and removing its
+    socket survive libpq closing that socket on its own.
+
+    When the server goes away, libpq closes the connection's socket itself
+    and reports its descriptor as -1.  The epoll reactor keeps the old number
+    registered (the kernel has already dropped it from the epoll set), so a
+    new connection that is given the same number is never polled, and its
+    start-up never finishes.  This guard drops such stale registrations.  It
+    reads the epoll reactor's own tables; other reactors, which key their
+    tables by object, are left alone.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def addReader(self, selectable: Any) -> None:
+        self._add(self._reactor.addReader, selectable)
+
+    def addWriter(self, selectable: Any) -> None:
+        self._add(self._reactor.addWriter, selectable)
+
+    def removeReader(self, selectable: Any) -> None:
+        self._remove(self._reactor.removeReader, selectable)
+
+    def removeWriter(self, selectable: Any) -> None:
+        self._remove(self._reactor.removeWriter, selectable)
+
+    def _add(self, add: Callable[[Any], None], selectable: Any) -> None:
+        fd = selectable.fileno()
+        if fd < 0:
+            raise OperationalError("connection to PostgreSQL lost (socket closed)")
+        owner = getattr(self._reactor, "_selectables", {}).get(fd)
+        if owner is not None and owner is not selectable:
+            self._forget(fd)
+        add(selectable)
+
+    def _remove(self, remove: Callable[[Any], None], selectable: Any) -> None:
+        try:
+            remove(selectable)
+        except OSError:
+            fd = getattr(selectable, "lastDescriptor", -1)
+            if fd >= 0:
+                self._forget(fd)
+
+    def _forget(self, fd: int) -> None:
+        """
+        Drop every trace of descriptor number C{fd} from the reactor.
+        """
+        reactor = self._reactor
+        for table in ("_reads", "_writes"):
+            getattr(reactor, table, set()).discard(fd)
+        getattr(reactor, "_selectables", {}).pop(fd, None)
+        poller = getattr(reactor, "_poller", None)
+        if poller is not None:
+            try:
+                poller.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+
 class _PooledConnection(Connection):  # type: ignore[misc]
     """
     A txpostgres connection that reports a dead idle connection as a lost
-    connection rather than as an unhandled error.
+    connection rather than as an unhandled error, and whose reactor
+    registrations survive libpq closing its socket (see L{_DescriptorGuard}).
 
     txpostgres raises from C{doRead} when the server closes an idle
     connection, so the reactor logs a traceback before it calls
     C{connectionLost}.  Returning the error instead makes the reactor call
     C{connectionLost} with it quietly; the pool logs one line about it.
+
+    @ivar lastDescriptor: The socket's descriptor number when last open.
     """
+
+    lastDescriptor = -1
+
+    def __init__(self, reactor: Any, **kwargs: Any) -> None:
+        super().__init__(reactor=_DescriptorGuard(reactor), **kwargs)
+
+    def fileno(self) -> int:
+        """
+        @return: The socket's descriptor, or -1 once libpq has closed it.
+        """
+        fd: int = Connection.fileno(self)
+        if fd >= 0:
+            self.lastDescriptor = fd
+        return fd
 
     def doRead(self) -> BaseException | None:
         """
