@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,20 +22,11 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from benchmarks.database import SCHEMA
+from tests.servicerun import freePort, twistdCommand
 
 #: The directory holding the C{benchmarks} package, put on the C{PYTHONPATH}
 #: of every child so that C{--tasks benchmarks.nooptasks} imports.
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def freePort() -> int:
-    """
-    @return: A TCP port on 127.0.0.1 that nothing listens on right now.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def childEnvironment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -52,19 +42,6 @@ def childEnvironment(extra: dict[str, str] | None = None) -> dict[str, str]:
     environment.pop("DATABASE_URL", None)
     environment.update(extra or {})
     return environment
-
-
-def twistdCommand() -> list[str]:
-    """
-    @return: The command that runs this environment's C{twistd}.
-    """
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [script]
-    found = shutil.which("twistd")
-    if found is None:
-        raise RuntimeError("twistd is not installed")
-    return [found]
 
 
 class Twistd:
