@@ -86,10 +86,10 @@ class FaultTests(TestCase):
         """
         return Deferred.fromCoroutine(self._restart(True, strict=True))
 
-
     if noEmbedded is not None:
         test_postgresRestartedDedupe.skip = noEmbedded  # type: ignore[attr-defined]
         test_postgresRestarted.skip = noEmbedded  # type: ignore[attr-defined]
+        test_postgresRestartedPoolRecovers.skip = noEmbedded  # type: ignore[attr-defined]
 
     async def _kill(self) -> None:
         outcome = await faults.killService(TEST)
