@@ -80,8 +80,9 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Accept newline-delimited JSON over TCP and store every line as a job "
-        "in PostgreSQL. Without --dsn or DATABASE_URL, an embedded PostgreSQL "
-        "runs in --data-dir."
+        "in PostgreSQL; with --tasks, run the jobs too. Listens on "
+        "tcp:5000:interface=127.0.0.1 unless --listen says otherwise. Without "
+        "--dsn or DATABASE_URL, an embedded PostgreSQL runs in --data-dir."
     )
 
     optFlags = [
@@ -211,17 +212,11 @@ class Options(usage.Options):
         self["tasks"] = []
 
     def opt_tasks(self, module: str) -> None:
-        """
-        Import this module of job handlers (repeatable); without any, no
-        jobs are run.
-        """
+        """Module of job handlers to import (repeatable)."""
         self["tasks"].append(module)
 
     def opt_listen(self, endpoint: str) -> None:
-        """
-        Listen on this Twisted server endpoint (repeatable; default
-        tcp:5000:interface=127.0.0.1).
-        """
+        """Twisted server endpoint to listen on (repeatable)."""
         try:
             from twisted.internet import reactor
 
