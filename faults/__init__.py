@@ -560,6 +560,40 @@ async def restartPostgres(scale: Scale, dedupe: bool, strict: bool = False) -> O
     return outcome
 
 
+async def _finishOnNewService(
+    outcome: Outcome,
+    fleet: Fleet,
+    dsn: str,
+    port: int,
+    scale: Scale,
+    lostBefore: int,
+    started: list[ServiceProcess],
+) -> None:
+    """
+    Start a new service on the same port, let the senders finish against
+    it, and count the scenario.
+
+    @param lostBefore: Acked lines already found missing.
+    @param started: Gets the new service, for L{_cleanUp}.
+    """
+    started.append(await _startService(dsn, port=port))
+    finished = await fleet.finished(scale.timeout)
+    tally(outcome, fleet, storedKeys(dsn), fleet.ackedKeys())
+    outcome.lost += lostBefore
+    outcome.check(finished, "senders did not get every line acked")
+    outcome.check(outcome.stored == outcome.sent, "not every line stored")
+
+
+async def _cleanUp(service: ServiceProcess, started: list[ServiceProcess]) -> None:
+    """
+    Remove a stopped service and stop the ones started after it.
+    """
+    service.cleanup()
+    for restarted in started:
+        await stopped(restarted)
+        restarted.cleanup()
+
+
 async def killService(scale: Scale) -> Outcome:
     """
     SIGKILL the service while clients stream: every line acked before the
@@ -568,7 +602,7 @@ async def killService(scale: Scale) -> Outcome:
 
     async def body(outcome: Outcome, dsn: str) -> None:
         service = await _startService(dsn)
-        restarted = None
+        restarted: list[ServiceProcess] = []
         try:
             fleet = Fleet(service.port, scale.connections, scale.lines)
             fleet.start()
@@ -585,18 +619,12 @@ async def killService(scale: Scale) -> Outcome:
                 storedAtKill=len(storedAtKill),
                 lostAtKill=lostAtKill,
             )
-            restarted = await _startService(dsn, port=service.port)
-            finished = await fleet.finished(scale.timeout)
-            tally(outcome, fleet, storedKeys(dsn), fleet.ackedKeys())
-            outcome.lost += lostAtKill
             outcome.check(lostAtKill == 0, f"{lostAtKill} acked lines lost at kill")
-            outcome.check(finished, "senders did not get every line acked")
-            outcome.check(outcome.stored == outcome.sent, "not every line stored")
+            await _finishOnNewService(
+                outcome, fleet, dsn, service.port, scale, lostAtKill, restarted
+            )
         finally:
-            service.cleanup()
-            if restarted is not None:
-                await stopped(restarted)
-                restarted.cleanup()
+            await _cleanUp(service, restarted)
 
     return await _withDatabase("service SIGKILLed", body)
 
@@ -614,7 +642,7 @@ async def terminateService(scale: Scale, shutdownTimeout: float = 10.0) -> Outco
 
     async def body(outcome: Outcome, dsn: str) -> None:
         service = await _startService(dsn, f"--shutdown-timeout={shutdownTimeout}")
-        restarted = None
+        restarted: list[ServiceProcess] = []
         try:
             fleet = Fleet(service.port, scale.connections, scale.lines)
             fleet.start()
@@ -666,17 +694,11 @@ async def terminateService(scale: Scale, shutdownTimeout: float = 10.0) -> Outco
                 unacked == 0, f"{unacked} lines stored but never acked at exit"
             )
             outcome.check("Traceback" not in log, "traceback in the service log")
-            restarted = await _startService(dsn, port=service.port)
-            finished = await fleet.finished(scale.timeout)
-            tally(outcome, fleet, storedKeys(dsn), fleet.ackedKeys())
-            outcome.lost += lostAtExit
-            outcome.check(finished, "senders did not get every line acked")
-            outcome.check(outcome.stored == outcome.sent, "not every line stored")
+            await _finishOnNewService(
+                outcome, fleet, dsn, service.port, scale, lostAtExit, restarted
+            )
         finally:
-            service.cleanup()
-            if restarted is not None:
-                await stopped(restarted)
-                restarted.cleanup()
+            await _cleanUp(service, restarted)
 
     return await _withDatabase("service SIGTERMed", body)
 
