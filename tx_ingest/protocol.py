@@ -102,13 +102,22 @@ class _ReplyValve:
         self._protocol = protocol
 
     def pauseProducing(self) -> None:
+        """
+        The client's unread replies filled the transport's buffer: stop
+        reading its lines.
+        """
         self._protocol._hold(_HOLD_REPLIES)
 
     def resumeProducing(self) -> None:
+        """
+        The replies drained: read again.
+        """
         self._protocol._release(_HOLD_REPLIES)
 
     def stopProducing(self) -> None:
-        pass
+        """
+        The connection is gone; the protocol's C{connectionLost} cleans up.
+        """
 
 
 @implementer(IHalfCloseableProtocol)

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+
+if TYPE_CHECKING:
+    from tx_ingest.service import DatabaseService
 
 log = Logger()
 
@@ -419,8 +424,13 @@ class _DeferredStore:
     only once the service has started).
     """
 
-    def __init__(self, database: object) -> None:
+    def __init__(self, database: DatabaseService) -> None:
         self._database = database
 
-    def insertLines(self, lines):  # type: ignore[no-untyped-def]
-        return self._database.store.insertLines(lines)  # type: ignore[attr-defined]
+    def insertLines(self, lines: Sequence[bytes]) -> Deferred[dict[int, str]]:
+        """
+        Write through the job store of the started database service.
+        """
+        store = self._database.store
+        assert store is not None, "the database service has not started"
+        return store.insertLines(lines)

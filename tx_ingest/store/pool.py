@@ -126,15 +126,27 @@ class _DescriptorGuard:
         return getattr(self._reactor, name)
 
     def addReader(self, selectable: Any) -> None:
+        """
+        Watch C{selectable} for reading; see the class docstring.
+        """
         self._add(self._reactor.addReader, selectable)
 
     def addWriter(self, selectable: Any) -> None:
+        """
+        Watch C{selectable} for writing; see the class docstring.
+        """
         self._add(self._reactor.addWriter, selectable)
 
     def removeReader(self, selectable: Any) -> None:
+        """
+        Stop watching C{selectable} for reading; see the class docstring.
+        """
         self._remove(self._reactor.removeReader, selectable)
 
     def removeWriter(self, selectable: Any) -> None:
+        """
+        Stop watching C{selectable} for writing; see the class docstring.
+        """
         self._remove(self._reactor.removeWriter, selectable)
 
     def _add(self, add: Callable[[Any], None], selectable: Any) -> None:
