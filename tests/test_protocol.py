@@ -74,6 +74,9 @@ class Harness:
         return self.successResultOf(batch)
 
     def successResultOf(self, d):  # type: ignore[no-untyped-def]
+        """
+        @return: The result of C{d} once the clock has turned.
+        """
         results: list = []
         d.addBoth(results.append)
         self.clock.advance(0)

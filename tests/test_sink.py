@@ -25,14 +25,21 @@ class FakeOrigin:
         self.settled: list[tuple[int, int, list[tuple[int, str]]]] = []
 
     def pauseReading(self) -> None:
-        pass
+        """
+        Nothing to pause.
+        """
 
     def resumeReading(self) -> None:
-        pass
+        """
+        Nothing to resume.
+        """
 
     def linesSettled(
         self, count: int, highest: int, rejected: list[tuple[int, str]]
     ) -> None:
+        """
+        Record what the queue said.
+        """
         self.settled.append((count, highest, rejected))
 
 
@@ -47,6 +54,9 @@ class FakeStore:
         self.calls: list[tuple[list[bytes], Deferred[dict[int, str]]]] = []
 
     def insertLines(self, lines: Sequence[bytes]) -> Deferred[dict[int, str]]:
+        """
+        Record a write attempt; the test fires its L{Deferred}.
+        """
         d: Deferred[dict[int, str]] = Deferred()
         self.calls.append((list(lines), d))
         return d
@@ -58,6 +68,10 @@ class BatchSinkTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        """
+        A queue of 100, a fake store and one origin, on a L{Clock}, with the
+        log captured.
+        """
         self.clock = Clock()
         self.queue = MessageQueue(self.clock, 100)
         self.store = FakeStore()
@@ -67,6 +81,9 @@ class BatchSinkTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def put(self, *numbers: int) -> None:
+        """
+        Queue one message per number, from the one origin.
+        """
         for n in numbers:
             self.queue.put(Message(b'{"n":%d}' % n, n, self.origin))
 

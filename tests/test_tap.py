@@ -17,6 +17,9 @@ class OptionsTests(SynchronousTestCase):
     """
 
     def parse(self, *argv: str) -> Options:
+        """
+        @return: L{Options} parsed from C{argv}.
+        """
         options = Options()
         options.parseOptions(list(argv))
         return options
