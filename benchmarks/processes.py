@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from benchmarks.database import SCHEMA
-from tests.servicerun import freePort, twistdCommand
+from tests.servicerun import freePort, readLog, twistdCommand
 
 #: The directory holding the C{benchmarks} package, put on the C{PYTHONPATH}
 #: of every child so that C{--tasks benchmarks.nooptasks} imports.
@@ -111,11 +111,7 @@ class Twistd:
         """
         @return: Everything logged so far.
         """
-        try:
-            with open(self.logPath, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return readLog(self.logPath)
 
     def waitFor(self, text: str, timeout: float = 30.0) -> None:
         """

@@ -28,6 +28,18 @@ def freePort() -> int:
         return port
 
 
+def readLog(path: str) -> str:
+    """
+    @return: What a process has logged to C{path} so far (nothing if the
+        file does not exist yet).
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def twistdCommand() -> list[str]:
     """
     @return: The command that runs this environment's C{twistd}.
@@ -105,11 +117,7 @@ class ServiceProcess:
         """
         @return: Everything logged so far.
         """
-        try:
-            with open(self.logPath, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return readLog(self.logPath)
 
     def signal(self, number: int = signal.SIGTERM) -> None:
         """
