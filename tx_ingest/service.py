@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,14 +89,8 @@ class DatabaseService(Service):
         """
         Service.stopService(self)
         if self.pool is None:
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         return self.pool.close()
-
-
-async def _nothing() -> None:
-    """
-    Do nothing, asynchronously.
-    """
 
 
 class IngestService(MultiService):
